@@ -1,0 +1,39 @@
+"""dicefn: functional DiCE estimators for derivatives of expectations, any order, in PyTorch.
+
+Import as ``import dicefn as dice``. Every function is pure and composes with
+``torch.func.grad``, ``vmap``, ``jacrev``, ``jacfwd``, ``hessian`` and ``torch.compile``.
+"""
+
+from dicefn import random
+from dicefn._src.dice import (
+    baseline_term,
+    batch_baseline_term,
+    cost_node,
+    magic_box,
+)
+from dicefn._src.nodes import (
+    logp,
+    logp_bernoulli,
+    logp_categorical,
+    logp_normal,
+    sample_bernoulli,
+    sample_categorical,
+    sample_normal,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "baseline_term",
+    "batch_baseline_term",
+    "cost_node",
+    "logp",
+    "logp_bernoulli",
+    "logp_categorical",
+    "logp_normal",
+    "magic_box",
+    "random",
+    "sample_bernoulli",
+    "sample_categorical",
+    "sample_normal",
+]

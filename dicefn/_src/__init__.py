@@ -1,0 +1,1 @@
+"""Private implementation modules of dicefn; import from :mod:`dicefn` instead."""
