@@ -91,12 +91,16 @@ class Chain:
         inner = self.f + (p2 * self.g).sum(-1) + 0.5 * t2[:, 0] ** 2 * self.h
         return (p1 * inner).sum() + torch.sin(t1).sum()
 
-    def surrogate(self, theta, key, n, baseline="none", b_const=None):
+    def sample(self, theta, key, n):
+        """Draws ``n`` chains: ``(l1, a1, l2, a2, pathwise_cost)``."""
         t1, t2 = self.split(theta)
         k1, k2 = dice.random.split(key)
         l1, a1 = dice.sample_categorical(t1.expand(n, -1), key=k1)
         l2, a2 = dice.sample_categorical(t2[a1], key=k2)
-        pathwise = 0.5 * t2[a1, 0] ** 2 * self.h[a1]
+        return l1, a1, l2, a2, 0.5 * t2[a1, 0] ** 2 * self.h[a1]
+
+    def surrogate(self, theta, key, n, baseline="none", b_const=None):
+        l1, a1, l2, a2, pathwise = self.sample(theta, key, n)
         loss = (
             dice.cost_node(self.f[a1], [l1])
             + dice.cost_node(self.g[a1, a2], {"first": l1, "second": (l2,)})
@@ -105,7 +109,7 @@ class Chain:
         if baseline != "none":
             total = self.f[a1] + self.g[a1, a2] + pathwise
             loss = loss + baseline_terms(baseline, total, [l1, l2], b_const)
-        return loss.mean() + torch.sin(t1).sum()
+        return loss.mean() + torch.sin(self.split(theta)[0]).sum()
 
 
 class Bernoulli:
