@@ -35,7 +35,12 @@ def derivative(f, order):
 
 
 def baseline_terms(kind, cost, nodes, b_const):
-    """The baseline term of estimator ``kind`` for per-sample costs ``[n]``."""
+    """The baseline term of estimator ``kind`` for per-sample costs ``[n]``.
+
+    ``kind`` is a name, or a ``dice.Baseline`` whose state is passed in as ``b_const``.
+    """
+    if isinstance(kind, dice.Baseline):
+        return kind.update(b_const, cost, nodes)[0]
     if kind == "none":
         return torch.zeros_like(cost)
     if kind == "constant":
@@ -159,9 +164,12 @@ class Normal:
 GRAPHS = [Categorical, Chain, Bernoulli, Normal]
 
 
-def mc_derivatives(graph, order, *, seed, chunks, n, baseline="none"):
-    """Derivative estimates of ``order`` on ``chunks`` independent keys: ``[chunks, P**order]``."""
-    b_const = graph.exact(graph.theta).detach()
+def mc_derivatives(graph, order, *, seed, chunks, n, baseline="none", state=None):
+    """Derivative estimates of ``order`` on ``chunks`` independent keys: ``[chunks, P**order]``.
+
+    ``state``: for a ``dice.Baseline``, the state every chunk starts from (fixed, not updated).
+    """
+    b_const = graph.exact(graph.theta).detach() if state is None else state
     keys = dice.random.split(dice.random.key(seed), chunks)
 
     def f(theta, key):
