@@ -5,6 +5,15 @@ Import as ``import dicefn as dice``. Every function is pure and composes with
 """
 
 from dicefn import random
+from dicefn._src.baselines import (
+    Baseline,
+    BaselineInitFn,
+    BaselineUpdateFn,
+    EmaState,
+    LeaveOneOutState,
+    ema_baseline,
+    leave_one_out,
+)
 from dicefn._src.dice import (
     baseline_term,
     batch_baseline_term,
@@ -24,9 +33,16 @@ from dicefn._src.nodes import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Baseline",
+    "BaselineInitFn",
+    "BaselineUpdateFn",
+    "EmaState",
+    "LeaveOneOutState",
     "baseline_term",
     "batch_baseline_term",
     "cost_node",
+    "ema_baseline",
+    "leave_one_out",
     "logp",
     "logp_bernoulli",
     "logp_categorical",
