@@ -226,7 +226,7 @@ def quality(cfg: Config) -> Section:
 def plot_quality(section: Section, path: str) -> None:
     d = section.data
     batches = d["batches"]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 5.6), sharey=True)
     for k, ax in enumerate(axes):
         for name, per_b in d["mean"].items():
             ys = [per_b[b][k] for b in batches]
@@ -235,16 +235,19 @@ def plot_quality(section: Section, path: str) -> None:
         for pub_name, style in (("Loaded DiCE (lambda=1, GAE tau=0)", "k--"),
                                 ("any-order baseline (lambda=1, GAE tau=1)", "k:")):
             pub = PUBLISHED[pub_name]
-            ax.plot([b for b in batches if b in pub], [pub[b][k] for b in batches if b in pub],
-                    style, marker="x", label=f"published: {pub_name}")
+            ax.plot(batches, [pub[b][k] for b in batches], style, marker="x",
+                    label=f"published: {pub_name}")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size (episodes)")
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
+        ax.set_xlabel("batch size (episodes of 50 steps)")
         ax.set_title(f"order {k + 1}")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("correlation with the exact derivative (Pearson r)")
-    axes[-1].legend(fontsize=6, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(f"Random tabular MDP: mean over {d['seeds']} seeds (± s.e.)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -255,10 +258,11 @@ def plot_quality(section: Section, path: str) -> None:
 def authors_sample(P, R, S0, pi, batch_size, steps):
     """The authors' ``sample``: a Python loop over time with ``Categorical``; ``pi`` has shape
     ``[A, S]`` and the probabilities of the taken actions stay differentiable."""
-    batch_states = torch.zeros([batch_size, steps + 1])
-    batch_pi_taken = torch.zeros([batch_size, steps])
-    batch_r = torch.zeros([batch_size, steps])
-    batch_mask = torch.ones([batch_size, steps + 1])
+    dev = pi.device
+    batch_states = torch.zeros([batch_size, steps + 1], device=dev)
+    batch_pi_taken = torch.zeros([batch_size, steps], device=dev)
+    batch_r = torch.zeros([batch_size, steps], device=dev)
+    batch_mask = torch.ones([batch_size, steps + 1], device=dev)
     state = Categorical(S0.unsqueeze(0).repeat(batch_size, 1)).sample()
     for t in range(steps):
         r = R[state]
