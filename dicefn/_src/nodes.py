@@ -186,7 +186,7 @@ def sample_categorical(
         raise ValueError("logits must have a class dimension: shape [..., num_classes], got ().")
     x = logits.detach().to(checks.compute_dtype(logits))
     if key is None:
-        g = -torch.log(-torch.log(torch.rand_like(x)))
+        g = torch.rand_like(x).log_().neg_().log_().neg_()  # Gumbel, no temporaries
     else:
         g = prng.gumbel(key.to(x.device), x.shape, dtype=x.dtype)
     actions = torch.argmax(x + g, dim=-1)
