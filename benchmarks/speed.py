@@ -34,7 +34,7 @@ def _mlp(obs_dim: int, hidden: int, actions: int) -> nn.Module:
 def overhead(cfg: Config) -> Section:
     """One REINFORCE step with a leave-one-out baseline, written three ways."""
     batch, obs_dim, hidden, n_actions = 8192, 32, 64, 16
-    rounds = cfg.pick(400, 30)
+    rounds = cfg.pick(600, 30)
     dev = cfg.dev
     gen = torch.Generator().manual_seed(cfg.seed)
     obs = torch.randn(batch, obs_dim, generator=gen).to(dev)
