@@ -1,9 +1,10 @@
-"""logp_categorical's fused eager path against the composite form it stands in for.
+"""logp_categorical's eager paths against the composite form they stand in for.
 
 In plain eager autograd (no torch.func transform, not compiling) float32/float64 logits with
-at least 16 classes on a CPU (any class count elsewhere) go through a custom autograd Function
-with fused kernels; everywhere else the composite ``gather - logsumexp`` runs. The two must be
-the same function to every order, in reverse and forward mode.
+at least 256 classes go through a custom autograd Function with fused kernels, 16 to 255
+classes through ``log_softmax`` then ``gather``; everywhere else the composite
+``gather - logsumexp`` runs. They must be the same function to every order, in reverse and
+forward mode.
 """
 
 import pytest
@@ -35,17 +36,34 @@ def derivatives(lp, logits, actions, w):
     return g.detach(), h.detach(), t
 
 
-def uses_fused(logits, actions):
-    return "_CategoricalLogp" in type(dice.logp_categorical(logits, actions).grad_fn).__name__
+def path(logits, actions):
+    """The eager path logp_categorical took, read off the autograd graph."""
+    fn = dice.logp_categorical(logits, actions).grad_fn
+    seen, stack = set(), [fn]
+    while stack:
+        f = stack.pop()
+        if f is not None and type(f).__name__ not in seen:
+            seen.add(type(f).__name__)
+            stack.extend(g for g, _ in f.next_functions)
+    if any("_CategoricalLogp" in n for n in seen):
+        return "fused"
+    if "LogSoftmaxBackward0" in seen:
+        return "log_softmax"
+    assert "LogsumexpBackward0" in seen, seen
+    return "composite"
 
 
-@pytest.mark.parametrize("shape", [(5, 16), (2, 3, 40)])
-def test_eager_path_matches_composite_to_third_order(shape):
+@pytest.mark.parametrize(
+    "shape, expected",
+    [((5, 300), "fused"), ((2, 3, 256), "fused"), ((5, 16), "log_softmax"),
+     ((2, 3, 40), "log_softmax")],
+)
+def test_eager_path_matches_composite_to_third_order(shape, expected):
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(shape, generator=gen, dtype=F64)
     actions = torch.randint(0, shape[-1], shape[:-1], generator=gen)
     w = torch.randn(shape[:-1], generator=gen, dtype=F64)
-    assert uses_fused(logits.clone().requires_grad_(), actions)
+    assert path(logits.clone().requires_grad_(), actions) == expected
     torch.testing.assert_close(dice.logp_categorical(logits, actions), composite(logits, actions))
     for got, want in zip(
         derivatives(dice.logp_categorical, logits, actions, w),
@@ -56,8 +74,8 @@ def test_eager_path_matches_composite_to_third_order(shape):
 
 def test_eager_first_order_backward_matches_composite():
     """Plain ``.backward()`` (no create_graph) takes the in-place branch of the backward."""
-    logits = torch.randn(64, 32, dtype=torch.float32)
-    actions = torch.randint(0, 32, (64,), dtype=torch.int32)
+    logits = torch.randn(64, 300, dtype=torch.float32)
+    actions = torch.randint(0, 300, (64,), dtype=torch.int32)
     w = torch.randn(64)
     grads = []
     for lp in (dice.logp_categorical, composite):
@@ -69,9 +87,9 @@ def test_eager_first_order_backward_matches_composite():
 
 def test_eager_forward_mode_and_forward_over_reverse():
     gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(6, 20, generator=gen, dtype=F64)
-    tangent = torch.randn(6, 20, generator=gen, dtype=F64)
-    actions = torch.randint(0, 20, (6,), generator=gen)
+    logits = torch.randn(6, 260, generator=gen, dtype=F64)
+    tangent = torch.randn(6, 260, generator=gen, dtype=F64)
+    actions = torch.randint(0, 260, (6,), generator=gen)
     w = torch.randn(6, generator=gen, dtype=F64)
     out = []
     for lp in (dice.logp_categorical, composite):
@@ -88,16 +106,31 @@ def test_eager_forward_mode_and_forward_over_reverse():
 
 def test_dispatch():
     actions = torch.zeros(3, dtype=torch.int64)
-    assert uses_fused(torch.zeros(3, 16, requires_grad=True), actions)
-    assert not uses_fused(torch.zeros(3, 15, requires_grad=True), actions)  # slow CPU kernels
+    assert path(torch.zeros(3, 256, requires_grad=True), actions) == "fused"
+    assert path(torch.zeros(3, 255, requires_grad=True), actions) == "log_softmax"
+    assert path(torch.zeros(3, 16, requires_grad=True), actions) == "log_softmax"
+    assert path(torch.zeros(3, 15, requires_grad=True), actions) == "composite"  # CPU kernels
     seen = []
 
     def f(x):
-        seen.append(type(dice.logp_categorical(x, actions).grad_fn).__name__)
+        seen.append(path(x, actions))
         return dice.logp_categorical(x, actions).sum()
 
-    torch.func.grad(f)(torch.zeros(3, 16))  # inside a transform: composite
-    assert seen and "_CategoricalLogp" not in seen[0]
+    torch.func.grad(f)(torch.zeros(3, 300))  # inside a transform: composite
+    assert seen == ["composite"]
+
+
+@pytest.mark.parametrize("classes", [4, 16, 300])
+def test_eager_forward_mode_every_path(classes):
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, classes, generator=gen, dtype=F64)
+    tangent = torch.randn(5, classes, generator=gen, dtype=F64)
+    actions = torch.randint(0, classes, (5,), generator=gen)
+    out = []
+    for lp in (dice.logp_categorical, composite):
+        with fwAD.dual_level():
+            out.append(fwAD.unpack_dual(lp(fwAD.make_dual(logits, tangent), actions)).tangent)
+    torch.testing.assert_close(out[0], out[1])
 
 
 def test_eager_path_compiles_and_saves_what_cross_entropy_saves():
