@@ -52,9 +52,10 @@ def plot_timings(sections: list[Section], path: str) -> None:
         elif s.key == "per_example":
             series.append(("loop / vmap\n(per-example)", d["ratio"], 20.0))
         elif s.key == "hessian":
-            for name, v in d.items():
-                thr = 1.0 if name == "larger" else None
-                series.append((f"func / autograd\n(Hessian, {v['params']} p.)", v["ratio"], thr))
+            for v in d.values():
+                thr = 1.0 if v["params"] > 100 and v["n"] == 256 else None
+                series.append((f"func / autograd\n(Hessian, {v['params']} p.,\nn={v['n']})",
+                               v["ratio"], thr))
         elif s.key == "sampling":
             series.append(("keyed / global\n(sampling)", d["ratio"], 5.0))
         elif s.key == "compile":
