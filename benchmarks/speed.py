@@ -228,9 +228,13 @@ def hessian_bench(cfg: Config) -> Section:
         if name == "larger" and n == 256:
             bars.append(Bar("4", f"Hessian, {p} parameters, {n} samples: torch.func / "
                             "autograd.functional", r.median, 1.0, "<=", r.fmt(3)))
-            headline.append((f"Hessian of a DiCE objective ({p} parameters, {n} samples drawn "
-                             "inside), torch.func / torch.autograd.functional", f"{r.median:.3f}",
-                             "<= 1"))
+            headline.append([f"Hessian of a DiCE objective ({p} parameters, samples drawn "
+                             "inside), torch.func / torch.autograd.functional",
+                             f"{r.median:.2f} (256 samples)", "<= 1 (at 256 samples)"])
+        elif name == "larger":
+            headline[-1][1] += f"; {r.median:.2f} ({n} samples)"
+            bars.append(Bar("4", f"Hessian, {p} parameters, {n} samples: torch.func / "
+                            "autograd.functional (reported)", r.median, math.inf, "<=", r.fmt(3)))
         else:
             bars.append(Bar("4", f"Hessian, {p} parameters, {n} samples: torch.func / "
                             "autograd.functional (reported)", r.median, math.inf, "<=", r.fmt(3)))
@@ -246,7 +250,7 @@ def hessian_bench(cfg: Config) -> Section:
         + md_table(["policy", "samples n", "torch.func (ms)", "autograd.functional (ms)",
                     "ratio func / autograd, median (IQR)", "wall-clock"], rows)
     )
-    return Section("hessian", "4. Hessian", body, bars, headline, data)
+    return Section("hessian", "4. Hessian", body, bars, [tuple(h) for h in headline], data)
 
 
 # 5. Keyed against global-RNG sampling ---------------------------------------------------------
