@@ -100,6 +100,14 @@ def test_discounted_cumsum_saves_nothing_input_sized_for_backward():
         torch.testing.assert_close(g[0], loop_cumsum(torch.ones(4096, dtype=F64), lam).flip(-1).float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_discounted_cumsum_half_precision_scans_in_float32(dtype):
+    x = torch.randn(2, 300).to(dtype)
+    out = dice.discounted_cumsum(x, 0.95)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, dice.discounted_cumsum(x.float(), 0.95).to(dtype), atol=0, rtol=0)
+
+
 def test_discounted_cumsum_tensor_lam():
     x = torch.randn(3, 150, dtype=F64)
     lam = torch.tensor(0.8, dtype=F64)
@@ -430,10 +438,10 @@ class TinyLM:
 CHUNKS, N = 64, 256
 
 
-# Third derivatives are checked in a random 5-dimensional subspace of the 11 parameters
-# (all 125 components of D^3 f(theta + B alpha) at alpha = 0): any bias of the full tensor
-# shows in a random subspace, at a seventh of the cost.
-SUBSPACE = torch.linalg.qr(torch.randn(11, 5, generator=torch.Generator().manual_seed(8), dtype=F64))[0]
+# Third derivatives are checked in a random 4-dimensional subspace of the 11 parameters
+# (all 64 components of D^3 f(theta + B alpha) at alpha = 0): any bias of the full tensor
+# shows in a random subspace, at an eighth of the cost.
+SUBSPACE = torch.linalg.qr(torch.randn(11, 4, generator=torch.Generator().manual_seed(8), dtype=F64))[0]
 
 
 def _tiny_lm_z(variant, order, seed):
@@ -496,15 +504,19 @@ def _corr(a, b):
     return torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]))[0, 1]
 
 
-def _mdp_estimates(estimator_args, batch_size, seeds, seed0, orders=3, truth=None):
-    """Element derivatives (orders 1..3) on ``seeds`` independent batches: [seeds, 3, 20]."""
+def _mdp_estimates(estimator_args, batch_size, seeds, seed0, orders=3):
+    """Element derivatives (orders 1..3) on ``seeds`` independent batches: [seeds, 3, 20].
+
+    ``estimator_args`` is ``(lam, tau)`` for Loaded DiCE, or ``None`` for plain DiCE."""
     mdp, theta = M.authors_mdp()
     values = M.state_values(mdp, theta).detach()
-    lam, tau = estimator_args
 
     def estimate(key):
         traj = M.rollout(mdp, theta, key, batch_size, 50)
-        f = lambda t: M.loaded_dice_objective(mdp, t, traj, values, lam, tau)  # noqa: E731
+        if estimator_args is None:
+            f = lambda t: M.dice_objective(mdp, t, traj, values)  # noqa: E731
+        else:
+            f = lambda t: M.loaded_dice_objective(mdp, t, traj, values, *estimator_args)  # noqa: E731
         return torch.stack(M.element_derivatives(f, theta, orders)).reshape(orders, -1)
 
     keys = dice.random.split(dice.random.key(seed0), seeds)
@@ -535,16 +547,33 @@ def test_mdp_correlations_match_published(authors_exact, estimator, batch_size):
     assert (z > -2).all(), (mean, published, z)
 
 
+def test_mdp_rollouts_match_exact_values():
+    """Bellman: the 50-step value bootstrapped with exact state values is the exact value;
+    the mean sampled return matches it (z-test on 4096 episodes)."""
+    mdp, theta = M.authors_mdp()
+    values = M.state_values(mdp, theta)
+    torch.testing.assert_close(M.truncated_value(mdp, theta, 50, values), M.exact_value(mdp, theta))
+    traj = M.rollout(mdp, theta, dice.random.key(11), 4096, 50)
+    disc = mdp.gamma ** torch.arange(50, dtype=F64)
+    ret = (traj.rewards * disc).sum(-1) + mdp.gamma**50 * values[traj.states[:, -1]]
+    z = (ret.mean() - M.exact_value(mdp, theta)) / (ret.std() / math.sqrt(4096))
+    assert abs(z) < 4
+    assert traj.states.shape == (4096, 51) and traj.actions.shape == (4096, 50)
+    # the rollout is a pure function of the key
+    assert torch.equal(M.rollout(mdp, theta, dice.random.key(11), 8, 5).states, M.rollout(mdp, theta, dice.random.key(11), 8, 5).states)
+
+
 def test_mdp_loaded_dice_unbiased_for_the_truncated_objective():
-    """lam=1 (GAE tau 0 and 1) estimates the exact derivatives of the 50-step objective with
-    its bootstrap values held fixed, at orders 1 to 3; lam=0 is biased at order 2."""
+    """lam=1 (GAE tau 0 and 1) and plain DiCE estimate the exact derivatives of the 50-step
+    objective with its bootstrap values held fixed, at orders 1 to 3; lam=0 is biased at
+    order 2."""
     mdp, theta = M.authors_mdp()
     values = M.state_values(mdp, theta).detach()
     exact = torch.stack(
         M.element_derivatives(lambda t: M.truncated_value(mdp, t, 50, values), theta, 3)
     ).reshape(3, -1)
     crit = z_critical(3 * exact.shape[1])
-    for args, seed in (((1.0, 0.0), 1), ((1.0, 1.0), 2)):
+    for args, seed in (((1.0, 0.0), 1), ((1.0, 1.0), 2), (None, 4)):
         est = _mdp_estimates(args, 64, 64, seed0=seed)
         z = torch.stack([zscores(est[:, k], exact[k]) for k in range(3)])
         assert z.abs().max() < crit, (args, z.abs().amax(1))
@@ -553,11 +582,12 @@ def test_mdp_loaded_dice_unbiased_for_the_truncated_objective():
 
 
 def test_mdp_lower_lam_lowers_higher_order_variance():
-    lams = [0.0, 0.5, 0.9, 1.0]
+    lams = [0.0, 0.5, 1.0]
     variance = torch.stack(
-        [_mdp_estimates((lam, 0.0), 64, 32, seed0=7).var(0).sum(-1) for lam in lams]
-    )  # [lams, orders]
+        [_mdp_estimates((lam, 0.0), 64, 16, seed0=7).var(0).sum(-1) for lam in lams]
+    )  # [lams, orders]: total variance over the 20 components, 16 batches of 64 episodes
     for order in (1, 2):  # second and third order
         v = variance[:, order]
         assert (v[1:] > 1.5 * v[:-1]).all(), v
+        assert v[-1] > 20 * v[0], v
     assert math.isclose(variance[0, 0], variance[-1, 0], rel_tol=1e-9)  # first order: same

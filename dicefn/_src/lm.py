@@ -33,7 +33,8 @@ def _check_mask(mask: torch.Tensor, shape: torch.Size | None, what: str) -> torc
     checks.check_tensor(mask, "completion_mask")
     if mask.is_floating_point() or mask.is_complex():
         raise TypeError(
-            f"{what}: completion_mask must be a bool (or 0/1 integer) tensor, got dtype {mask.dtype}."
+            f"{what}: completion_mask must be a bool (or 0/1 integer) tensor, got dtype "
+            f"{mask.dtype}."
         )
     if shape is None:
         if mask.ndim == 0:
@@ -114,7 +115,9 @@ def completion_mask(
         return generated.clone()
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     if not ids or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
-        raise TypeError(f"eos_token_id must be an int or a non-empty list of ints, got {eos_token_id!r}.")
+        raise TypeError(
+            f"eos_token_id must be an int or a non-empty list of ints, got {eos_token_id!r}."
+        )
     eos_ids = torch.tensor(ids, dtype=sequences.dtype, device=sequences.device)
     is_eos = (sequences.unsqueeze(-1) == eos_ids).any(-1) & generated
     eos_before = torch.cumsum(is_eos.to(torch.int64), dim=-1) - is_eos.to(torch.int64)
@@ -155,7 +158,8 @@ def model_inputs(sequences: torch.Tensor, prompt_attention_mask: torch.Tensor) -
     checks.check_tensor(prompt_attention_mask, "prompt_attention_mask")
     if prompt_attention_mask.is_floating_point() or prompt_attention_mask.is_complex():
         raise TypeError(
-            f"prompt_attention_mask must be an integer or bool tensor, got {prompt_attention_mask.dtype}."
+            "prompt_attention_mask must be an integer or bool tensor, got "
+            f"{prompt_attention_mask.dtype}."
         )
     if (
         prompt_attention_mask.ndim != sequences.ndim
@@ -378,7 +382,9 @@ def rloo_surrogate(
             f"{tuple(logp.shape)}, got {tuple(cost.shape)}."
         )
     if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"rloo_surrogate: group_size must be an int, got {type(group_size).__name__}.")
+        raise TypeError(
+            f"rloo_surrogate: group_size must be an int, got {type(group_size).__name__}."
+        )
     if group_size < 2 or n % group_size:
         raise ValueError(
             f"rloo_surrogate: group_size must be >= 2 and divide N = {n}, got {group_size}."

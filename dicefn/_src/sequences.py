@@ -86,8 +86,9 @@ def discounted_cumsum(x: torch.Tensor, lam: Lam, dim: int = -1) -> torch.Tensor:
     blocks of 64 steps are summed with one matmul against the [64, 64] lower-triangular
     matrix ``lam**(i - j)``, and blocks are joined by the same scan over block totals with
     factor ``lam**64`` (recursively, so a length of 4096 takes two levels). Work is
-    ``O(64 * x.numel())``, extra memory ``O(x.numel())``; autograd saves no tensor of the
-    size of ``x``. Differentiable to any order, also with respect to a tensor ``lam``.
+    ``O(64 * x.numel())``, extra memory ``O(x.numel())``; for a float ``lam`` autograd saves
+    no tensor of the size of ``x``. Differentiable to any order, also with respect to a
+    tensor ``lam``. float16/bfloat16 inputs are scanned in float32 and rounded back.
 
     Args:
       x: values, floating point, time along ``dim`` (any other dimensions are batch).
@@ -116,17 +117,17 @@ def discounted_cumsum(x: torch.Tensor, lam: Lam, dim: int = -1) -> torch.Tensor:
     checks.check_floating(x, "x")
     d = _check_dim(x, dim, "discounted_cumsum")
     lam = _check_unit(lam, "lam", "discounted_cumsum")
+    if isinstance(lam, float) and lam == 1.0:
+        return torch.cumsum(x, dim=d)
+    if x.shape[d] == 0 or (isinstance(lam, float) and lam == 0.0):
+        return x.clone()
+    work = checks.compute_dtype(x)  # half precision is scanned in float32
     if isinstance(lam, float):
-        if lam == 1.0:
-            return torch.cumsum(x, dim=d)
-        if lam == 0.0 or x.shape[d] == 0:
-            return x.clone()
-        lam_t = torch.tensor(lam, dtype=x.dtype, device=x.device)
+        lam_t = torch.tensor(lam, dtype=work, device=x.device)
     else:
-        if x.shape[d] == 0:
-            return x.clone()
-        lam_t = lam.to(dtype=x.dtype, device=x.device)
-    return _scan_last(x.movedim(d, -1), lam_t).movedim(-1, d)
+        lam_t = lam.to(dtype=work, device=x.device)
+    y = _scan_last(x.movedim(d, -1).to(work), lam_t).movedim(-1, d)
+    return y.to(x.dtype)
 
 
 def loaded_dice(
@@ -208,15 +209,20 @@ def _linear_scan(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _check_flags(flags: torch.Tensor | None, name: str, shape: torch.Size, what: str) -> torch.Tensor | None:
+def _check_flags(
+    flags: torch.Tensor | None, name: str, shape: torch.Size, what: str
+) -> torch.Tensor | None:
     if flags is None:
         return None
     checks.check_tensor(flags, name)
     if flags.is_floating_point() or flags.is_complex():
-        raise TypeError(f"{what}: {name} must be a bool (or 0/1 integer) tensor, got dtype {flags.dtype}.")
+        raise TypeError(
+            f"{what}: {name} must be a bool (or 0/1 integer) tensor, got dtype {flags.dtype}."
+        )
     if tuple(flags.shape) != tuple(shape):
         raise ValueError(
-            f"{what}: {name} must have the shape of rewards {tuple(shape)}, got {tuple(flags.shape)}."
+            f"{what}: {name} must have the shape of rewards {tuple(shape)}, got "
+            f"{tuple(flags.shape)}."
         )
     return flags != 0
 
