@@ -193,6 +193,9 @@ def completion_logp(
     divide the logits by the sampling temperature; the model in eval mode (no dropout);
     for left-padded prompts use :func:`model_inputs` for the forward pass.
 
+    Logits at unscored positions must still be finite: their gradient is zero times the
+    softmax, which is NaN for NaN logits.
+
     The nodes of a cost at token ``t`` are ``logp[..., :t + 1]``:
     ``cost_node(per_token_cost, discounted_cumsum(logp, 1.0))``; a cost of the whole
     sequence takes ``logp`` itself (summed over ``L`` by :func:`dicefn.cost_node`).

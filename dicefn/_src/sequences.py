@@ -177,8 +177,9 @@ def loaded_dice(
       >>> costs = (actions == 1).to(torch.float32)                  # [batch, time]
       >>> adv = dice.returns(costs, 0.9) - costs.mean()             # cost-to-go - baseline
       >>> loss = dice.loaded_dice(logp, adv, lam=0.5).sum(-1).mean()
-      >>> loss.item(), loss.backward()
-      (0.0, None)
+      >>> loss.item()
+      0.0
+      >>> loss.backward()
 
     References:
       Farquhar, Whiteson and Foerster, NeurIPS 2019, arXiv:1909.10549. Mao et al., "A
@@ -236,7 +237,7 @@ def _advantages(
     done: torch.Tensor | None,
 ) -> torch.Tensor:
     """GAE along the last dim (``values`` None: discounted returns without bootstrap)."""
-    valid = None if mask is None else mask
+    valid = mask
     cont = None  # True where step t's episode continues into step t + 1
     if valid is not None:
         nxt = F.pad(valid[..., 1:], (0, 1), value=True)
