@@ -76,7 +76,8 @@ def main() -> None:
             if distributed:
                 dist.all_reduce(mean_cost)
             if rank == 0:
-                print(f"step {step:3d}  global batch mean cost {mean_cost.item() / (world * BATCH):.3f}")
+                mean_cost = mean_cost.item() / (world * BATCH)
+                print(f"step {step:3d}  global batch mean cost {mean_cost:.3f}")
 
     after = error_rate(policy, held_out)
     flat = torch.cat([p.detach().flatten() for p in policy.parameters()])

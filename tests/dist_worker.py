@@ -249,17 +249,16 @@ def _ref_ema_step(t, state, rank, decay):
 
 
 WARM = dice.EmaState(torch.tensor(4.0, dtype=F64), torch.tensor(0.5, dtype=F64))
+WARM_TASKS = dice.EmaState(torch.tensor([4.0, 1.0, -2.0], dtype=F64), torch.full((3,), 0.5, dtype=F64))
 EMA_TRANSFORMS = {
     "grad": lambda f: grad(f, has_aux=True)(THETA, WARM),
     "jacrev": lambda f: jacrev(f, has_aux=True)(THETA, WARM),
     "jacfwd": lambda f: jacfwd(f, has_aux=True)(THETA, WARM),
     # one state per task: vmap over stacked parameters and states
-    "vmap(grad)": lambda f: vmap(grad(f, has_aux=True))(
-        STACK, dice.EmaState(torch.tensor([4.0, 1.0, -2.0], dtype=F64), torch.full((3,), 0.5, dtype=F64))
-    ),
-    "compile(grad)": lambda f: torch.compile(grad(f, has_aux=True), fullgraph=True, backend="aot_eager")(
-        THETA, WARM
-    ),
+    "vmap(grad)": lambda f: vmap(grad(f, has_aux=True))(STACK, WARM_TASKS),
+    "compile(grad)": lambda f: torch.compile(
+        grad(f, has_aux=True), fullgraph=True, backend="aot_eager"
+    )(THETA, WARM),
 }
 
 
@@ -294,6 +293,8 @@ def group_and_key_check(rank: int) -> dict:
     out["group/explicit"] = held(ddist.batch_baseline_term(cost, logp, group=both))
     out["group/single"] = held(ddist.batch_baseline_term(cost, logp, group=singles[rank]))
     out["group/local"] = held(dice.batch_baseline_term(cost, logp))
+    term = ddist.batch_baseline_term(cost.to(torch.bfloat16), logp)  # reduced in float32
+    out["group/bfloat16"] = held(term)
     ema = ddist.ema_baseline(0.5, group=singles[rank])
     out["group/single_ema"] = ema.update(ema.init(cost), cost, logp)[1]
     local_ema = dice.ema_baseline(0.5)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.func import grad
 
 import dicefn as dice
 import dicefn.distributed as ddist
@@ -46,16 +47,16 @@ def _loopback_env(port: int) -> dict:
 
 def _run_group(out_dir: Path) -> None:
     env = _loopback_env(_free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(TESTS / "dist_worker.py"), str(out_dir)],
-            env=dict(env, RANK=str(rank), WORLD_SIZE=str(w.WORLD)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(w.WORLD)
-    ]
+    log_paths = [out_dir / f"rank{rank}.log" for rank in range(w.WORLD)]
+    procs = []
+    for rank, log_path in enumerate(log_paths):
+        with open(log_path, "w") as log:  # a file, not a pipe: a chatty rank never blocks
+            procs.append(subprocess.Popen(
+                [sys.executable, str(TESTS / "dist_worker.py"), str(out_dir)],
+                env=dict(env, RANK=str(rank), WORLD_SIZE=str(w.WORLD)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            ))
     deadline = time.monotonic() + TIMEOUT
     try:
         while any(p.poll() is None for p in procs):
@@ -66,7 +67,8 @@ def _run_group(out_dir: Path) -> None:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-        logs = [p.communicate()[0] for p in procs]
+            p.wait()
+    logs = [path.read_text() for path in log_paths]
     if any(p.returncode != 0 for p in procs):
         pytest.fail(
             "distributed workers failed or timed out:\n"
@@ -96,7 +98,8 @@ def _single_process_grads(term_fn):
     grads = []
     for step in range(w.DDP_STEPS):
         step_key = dice.random.fold_in(w.KEY, step)
-        logps, costs = zip(*(w.bandit_sample(policy, *w.bandit_batch(step_key, r)) for r in range(w.WORLD)))
+        samples = [w.bandit_sample(policy, *w.bandit_batch(step_key, r)) for r in range(w.WORLD)]
+        logps, costs = zip(*samples)
         logp, cost = torch.cat(logps), torch.cat(costs)
         loss = (dice.cost_node(cost, logp) + term_fn(cost, logp)).mean()
         opt.zero_grad()
@@ -168,7 +171,8 @@ def test_grouped_leave_one_out_across_ranks_equals_single_process(ranks, case, v
     sizes = w.group_sizes(case)
     data = [w.group_data(r, k) for r, k in enumerate(sizes)]
     logits, actions, cost = (torch.cat(x, dim=1) for x in zip(*data))
-    expected = w.group_grad(logits, actions, cost, lambda c, n: dice.batch_baseline_term(c, n, dim=1))
+    local = lambda c, n: dice.batch_baseline_term(c, n, dim=1)  # noqa: E731
+    expected = w.group_grad(logits, actions, cost, local)
     for got, want in zip([r[f"dim1_{case}{via}"] for r in ranks], expected.split(sizes, dim=1)):
         _close(got, want)
 
@@ -176,7 +180,9 @@ def test_grouped_leave_one_out_across_ranks_equals_single_process(ranks, case, v
 # Transforms on each rank against a plain-torch reference of the global computation ------------
 
 
-@pytest.mark.parametrize("name", [f"loo/{t}" for t in w.TRANSFORMS] + [f"ema/{t}" for t in w.EMA_TRANSFORMS])
+@pytest.mark.parametrize(
+    "name", [f"loo/{t}" for t in w.TRANSFORMS] + [f"ema/{t}" for t in w.EMA_TRANSFORMS]
+)
 def test_transforms_match_reference_across_ranks(ranks, name):
     for r in ranks:
         got, want = r[name]
@@ -196,6 +202,7 @@ def test_groups_keys_and_errors(ranks):
         assert torch.equal(res["key/rank_key_single"], dice.random.fold_in(w.KEY, 0))
         assert "not a member" in res["error/not_member"]
         assert "at least 1 sample along dim 0 on every rank" in res["error/empty"]
+        torch.testing.assert_close(res["group/bfloat16"], res["group/default"], rtol=2**-8, atol=0)
     assert not torch.equal(ranks[0]["group/default"], ranks[0]["group/local"])
 
 
@@ -222,7 +229,10 @@ def test_fallback_batch_baseline_term_is_local(dim):
 
 @pytest.mark.parametrize("name", ["ema", "loo"])
 def test_fallback_baselines_are_local(name):
-    make = {"ema": (ddist.ema_baseline, dice.ema_baseline, 0.7), "loo": (ddist.leave_one_out, dice.leave_one_out, 0)}
+    make = {
+        "ema": (ddist.ema_baseline, dice.ema_baseline, 0.7),
+        "loo": (ddist.leave_one_out, dice.leave_one_out, 0),
+    }
     dist_fn, local_fn, arg = make[name]
     a, b = dist_fn(arg), local_fn(arg)
     logp, cost = _nodes_and_cost((5, 2))
@@ -230,10 +240,31 @@ def test_fallback_baselines_are_local(name):
     for step in range(3):
         ta, sa = a.update(sa, cost + step, logp)
         tb, sb = b.update(sb, cost + step, logp)
-        assert torch.equal(torch.autograd.grad(ta.sum(), logp)[0], torch.autograd.grad(tb.sum(), logp)[0])
+        ga, gb = (torch.autograd.grad(t.sum(), logp)[0] for t in (ta, tb))
+        assert torch.equal(ga, gb)
         for x, y in zip(sa, sb, strict=True):
             assert torch.equal(x, y)
     assert torch.equal(ddist.rank_key(w.KEY), dice.random.fold_in(w.KEY, 0))
+
+
+def test_fallback_compiles_to_the_local_functions():
+    """Under torch.compile(fullgraph=True) the process-group checks trace away."""
+
+    def loss_fn(ema, loo, batch_term):
+        def loss(logp, cost, state):
+            term, state = ema.update(state, cost, logp)
+            term2, _ = loo.update(loo.init(cost), cost, logp)
+            term3 = batch_term(cost, logp)
+            return (dice.cost_node(cost, logp) + term + term2 + term3).sum(), state
+
+        return grad(loss, has_aux=True)
+
+    logp, cost = _nodes_and_cost((5,))
+    state = dice.EmaState(torch.tensor(2.0, dtype=F64), torch.tensor(0.5, dtype=F64))
+    dist_fn = loss_fn(ddist.ema_baseline(0.5), ddist.leave_one_out(), ddist.batch_baseline_term)
+    local_fn = loss_fn(dice.ema_baseline(0.5), dice.leave_one_out(), dice.batch_baseline_term)
+    got = torch.compile(dist_fn, fullgraph=True, backend="aot_eager")(logp.detach(), cost, state)
+    torch.testing.assert_close(got, local_fn(logp.detach(), cost, state), rtol=0, atol=0)
 
 
 def test_fallback_errors_are_the_local_ones():
