@@ -97,7 +97,10 @@ def _world_size(group: Group, what: str) -> int:
 def _global_sum_and_count(
     total: torch.Tensor, count: int, group: Group
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """All-reduces a local sum (any shape) and a local count, in one collective."""
+    """All-reduces a local sum (any shape) and a local count, in one collective.
+
+    The count travels in the sum's dtype: exact up to 2**24 samples in float32.
+    """
     packed = torch.cat([total.reshape(-1), total.new_full((1,), count)])
     name = (dist.group.WORLD if group is None else group).group_name
     packed = _all_reduce_sum_op(packed, name)
@@ -122,8 +125,8 @@ def batch_baseline_term(
     global batch; with ``dim=1`` and costs of shape ``[num_prompts, k_r]`` every rank holds
     ``k_r`` samples of the *same* prompts, and each prompt's group is the union over ranks.
     The result on each rank is the term a single process would compute for that rank's
-    entries of the concatenated batch (``torch.cat`` along ``dim``), so the gradients that
-    DDP averages are those of the single-process estimator.
+    entries of the concatenated batch (``torch.cat`` along ``dim``); with equal local batch
+    sizes and a ``.mean()`` loss, the gradient DDP averages is the single-process gradient.
 
     Every rank of ``group`` must call it (it is a collective), with costs whose shapes agree
     except along ``dim`` (local sizes along ``dim`` may differ). Without an initialised
