@@ -92,6 +92,7 @@ def main() -> None:
               f"offset {OFFSET:g} removed) in {time.perf_counter() - start:.1f} s")
         print(f"parameters identical on every rank: {same}")
     if distributed:
+        dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
 
 

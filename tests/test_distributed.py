@@ -290,12 +290,22 @@ def test_fallback_errors_are_the_local_ones():
 # The example script under torchrun ------------------------------------------------------------
 
 
-def test_torchrun_example_trains():
+def _torchrun_example():
     env = _loopback_env(_free_port())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={env['MASTER_PORT']}",
            str(ROOT / "examples" / "ddp_train.py")]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def test_torchrun_example_trains():
+    out = _torchrun_example()
+    # In about 1 run in 25 under torchrun (torch 2.13, gloo), a rank aborts at process exit,
+    # after the script has finished and destroyed its process group ("terminate called
+    # without an active exception"). That teardown abort alone earns one rerun.
+    if (out.returncode != 0 and "parameters identical on every rank" in out.stdout
+            and "terminate called without an active exception" in out.stderr):
+        out = _torchrun_example()
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     m = re.search(r"expected cost ([\d.]+) -> ([\d.]+)", out.stdout)
     assert m, out.stdout
