@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.device != "cpu" and not args.device.startswith("cuda"):
         raise SystemExit(f"--device must be cpu or cuda[:N], got {args.device!r}.")
+    if args.update_readme and (args.quick or args.only or args.device != "cpu"):
+        raise SystemExit("--update-readme takes the headline of a full CPU run only.")
     items = ITEMS if not args.only else tuple(args.only.split(","))
     unknown = [i for i in items if i not in ITEMS]
     if unknown:
