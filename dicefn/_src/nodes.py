@@ -44,6 +44,74 @@ class _HalfCategoricalLogp(torch.autograd.Function):
         return (grad.unsqueeze(-1) * (onehot - p)).to(logits.dtype), None
 
 
+class _CategoricalLogp(torch.autograd.Function):
+    """Categorical log-probabilities of float32/float64 logits for plain (eager) autograd.
+
+    The same function as ``logits.gather(actions) - logsumexp(logits)``, with torch's fused
+    kernels: the forward is ``log_softmax`` then ``gather`` (the ``log_softmax`` output is a
+    temporary, not saved) and the backward recomputes ``softmax(logits)``. Saved for backward:
+    the logits and the actions, as ``F.cross_entropy`` saves its ``log_softmax`` output and
+    the targets. On a CPU this is about twice as fast, forward plus backward, as the composite
+    form, whose ``logsumexp`` runs unfused (64 x 32000 logits: 4.8 against 10.2 ms).
+
+    With grad mode on in backward (``create_graph=True``) the backward is built from
+    differentiable ops, so reverse mode nests to any order; ``jvp`` serves
+    ``torch.autograd.forward_ad``. It is used only outside ``torch.func`` transforms and
+    ``torch.compile``: nested forward mode (``jacfwd(jacfwd(f))``) through a custom Function
+    gives wrong numbers under ``torch.func``, and dynamo does not trace a Function with a
+    ``jvp``. There the composite form is used (and compiled code fuses it anyway).
+    """
+
+    @staticmethod
+    def forward(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        lsm = torch.log_softmax(logits, dim=-1)
+        return lsm.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, actions = inputs
+        ctx.save_for_backward(logits, actions)
+        ctx.save_for_forward(logits, actions)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, actions = ctx.saved_tensors
+        p = torch.softmax(logits, dim=-1)
+        grad = grad.unsqueeze(-1)
+        index = actions.unsqueeze(-1)
+        if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
+            return (-grad * p).scatter_add(-1, index, grad), None
+        return p.mul_(-grad).scatter_add_(-1, index, grad), None
+
+    @staticmethod
+    def jvp(ctx, logits_dot, _):
+        logits, actions = ctx.saved_tensors
+        p = torch.softmax(logits, dim=-1)
+        picked = logits_dot.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        return picked - (p * logits_dot).sum(-1)
+
+
+# Eager float32/float64 paths by class count. From 256 classes (vocabularies) the fused
+# Function saves only the logits. Below, the softmax it recomputes in backward costs more than
+# the memory it saves: log_softmax then gather saves the [..., num_classes] log-probabilities
+# (as F.cross_entropy does) and runs torch's fused backward. Below 16 classes on a CPU torch's
+# (log_)softmax kernels are several times slower than logsumexp: the composite form is used.
+_FUSED_MIN_CLASSES = 256
+_CPU_SOFTMAX_MIN_CLASSES = 16
+
+
+def _eager_path(logits: torch.Tensor) -> str:
+    """``"fused"``, ``"log_softmax"`` or ``"composite"``: how plain eager autograd scores."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return "composite"
+    classes = logits.shape[-1]
+    if classes >= _FUSED_MIN_CLASSES:
+        return "fused"
+    if logits.device.type == "cpu" and classes < _CPU_SOFTMAX_MIN_CLASSES:
+        return "composite"
+    return "log_softmax"
+
+
 def _check_categorical(logits: torch.Tensor, actions: torch.Tensor) -> None:
     checks.check_floating(logits, "logits")
     checks.check_integer(actions, "actions")
@@ -61,7 +129,13 @@ def logp_categorical(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tenso
 
     Computed as ``logits.gather(actions) - logsumexp(logits)``: for float32/float64 logits
     autograd saves only the logits themselves (no second vocabulary-sized tensor, unlike
-    ``log_softmax`` then ``gather``). float16/bfloat16 logits are scored in float32 and the
+    ``log_softmax`` then ``gather``). In plain eager autograd (outside ``torch.func`` and
+    ``torch.compile``) the same function runs on torch's fused kernels: from 256 classes a
+    custom autograd Function that saves the logits and the actions (the bytes
+    ``F.cross_entropy`` saves); below 256 classes, where a recomputed softmax would cost more
+    than the memory it saves, ``log_softmax`` then ``gather`` (saving the
+    ``[..., num_classes]`` log-probabilities, as ``F.cross_entropy`` does); below 16 classes
+    on a CPU, the composite form. float16/bfloat16 logits are scored in float32 and the
     result is float32; only the half-precision logits are saved for backward. Half-precision
     logits support reverse-mode derivatives of every order but not forward mode
     (``jvp``/``jacfwd``/``hessian``); use float32 logits for those.
@@ -87,6 +161,12 @@ def logp_categorical(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tenso
     actions = actions.long()
     if logits.dtype in checks.HALF_DTYPES:
         return _HalfCategoricalLogp.apply(logits, actions)
+    path = _eager_path(logits)
+    if path == "fused":
+        return _CategoricalLogp.apply(logits, actions)
+    if path == "log_softmax":
+        lsm = torch.log_softmax(logits, dim=-1)
+        return lsm.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     picked = logits.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
@@ -124,7 +204,7 @@ def sample_categorical(
         raise ValueError("logits must have a class dimension: shape [..., num_classes], got ().")
     x = logits.detach().to(checks.compute_dtype(logits))
     if key is None:
-        g = -torch.log(-torch.log(torch.rand_like(x)))
+        g = torch.rand_like(x).log_().neg_().log_().neg_()  # Gumbel, no temporaries
     else:
         g = prng.gumbel(key.to(x.device), x.shape, dtype=x.dtype)
     actions = torch.argmax(x + g, dim=-1)
