@@ -12,6 +12,7 @@ the sources and re-executes them.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import re
 import sys
@@ -60,12 +61,22 @@ def collapse_carriage_returns(text: str) -> str:
 
 
 def clean_outputs(nb) -> None:
-    """Drops progress-bar redraws from stream outputs and per-cell ids that churn diffs."""
+    """Merges consecutive stream outputs, drops progress-bar redraws, numbers cell ids stably."""
     for i, cell in enumerate(nb.cells):
         cell["id"] = f"{cell['cell_type'][:4]}-{i:02d}"
+        merged = []
         for out in cell.get("outputs", []):
             if out.get("output_type") == "stream":
+                prev = merged[-1] if merged else None
+                if prev is not None and prev.get("output_type") == "stream" and prev["name"] == out["name"]:
+                    prev["text"] += out["text"]
+                    continue
+            merged.append(out)
+        for out in merged:
+            if out.get("output_type") == "stream":
                 out["text"] = collapse_carriage_returns(out["text"])
+        if "outputs" in cell:
+            cell["outputs"] = merged
 
 
 def execute(nb, timeout: int = 600):
@@ -75,7 +86,10 @@ def execute(nb, timeout: int = 600):
         nb, timeout=timeout, kernel_name="python3", record_timing=False,
         resources={"metadata": {"path": str(HERE)}},
     )
-    client.execute()
+    # The kernel imports dicefn from this checkout even when it is not installed.
+    root = str(HERE.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    client.execute(env={**os.environ, "PYTHONPATH": path})
     return nb
 
 

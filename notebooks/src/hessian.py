@@ -27,6 +27,8 @@ from torch.func import grad, hessian, jacfwd, jacrev, vmap
 import dicefn as dice
 
 torch.set_default_dtype(torch.float64)
+# The tensors here are small: one thread is faster than several, and robust on a busy machine.
+torch.set_num_threads(1)
 plt.rcParams.update({"figure.dpi": 90, "axes.grid": True, "grid.alpha": 0.3})
 start_time = time.perf_counter()
 

@@ -1,0 +1,101 @@
+"""The notebooks: committed executed from their sources, and they run top to bottom.
+
+Each notebook under ``notebooks/`` is built from ``notebooks/src/<name>.py`` by
+``notebooks/build.py`` and committed with its outputs. These tests check that the committed
+code is the source's, that it was executed (outputs, figures, no errors, modest size), and
+execute every notebook again in a fresh kernel, failing on any cell error. A cell appended
+at the end prints the notebook's ``headline`` dict as JSON, and a few cheap checks on it
+make sure the numbers still tell the notebook's story.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat", reason="notebook tests need the [test] extra")
+pytest.importorskip("nbclient", reason="notebook tests need the [test] extra")
+pytest.importorskip("matplotlib", reason="notebook tests need the [test] extra")
+
+NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+sys.path.insert(0, str(NOTEBOOKS))
+import build  # noqa: E402  (notebooks/build.py)
+
+AVAILABLE = [n for n in build.NAMES if (NOTEBOOKS / "src" / f"{n}.py").exists()]
+MAX_BYTES = 2_000_000
+
+
+def _outputs(nb):
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_committed_notebook_is_its_executed_source(name):
+    path = NOTEBOOKS / f"{name}.ipynb"
+    assert path.stat().st_size < MAX_BYTES, f"{path.name} is {path.stat().st_size} bytes"
+    nb = nbformat.read(path, as_version=4)
+    cells = [(c.cell_type, c.source) for c in nb.cells]
+    assert cells == build.parse((NOTEBOOKS / "src" / f"{name}.py").read_text()), (
+        f"{path.name} differs from notebooks/src/{name}.py: run python notebooks/build.py {name}"
+    )
+    assert nb.cells[0].cell_type == "markdown", "a notebook opens with what it shows and why"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code), "committed without executing every cell"
+    outputs = _outputs(nb)
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "no figure"
+    last = "".join(o.get("text", "") for o in code[-1].outputs if o.output_type == "stream")
+    assert "What we saw" in last
+
+
+def _close(a, b, factor):
+    return b / factor <= a <= b * factor
+
+
+def check_hessian(h):
+    assert h["max_abs_diff_hessian_vs_jacfwd_jacrev"] < 1e-10
+    err = h["hessian_rel_error_at_8192"]
+    none, per_node, any_order = err.values()
+    assert any_order < none / 4 and any_order < per_node / 4
+    assert all(-0.7 < s < -0.3 for s in h["hessian_loglog_slope"].values())
+
+
+def check_per_example(h):
+    assert h["max_abs_diff_vmap_vs_loop"] < 1e-3
+    assert _close(h["observed_batch_variance"], h["predicted_batch_variance"], 2.0)
+    mse = h["mse_at_1024"]
+    assert mse["per-item + leave-one-out"] < mse["per-item costs"] < mse["one summed cost"] / 100
+
+
+def check_lola_dice(h):
+    final = h["final_joint_return"]
+    assert final["naive learners"] < -1.9
+    assert final["2 steps, surrogate without magic box"] < -1.9
+    assert max(final["LOLA-DiCE, 2 steps"], final["LOLA-DiCE, 3 steps"]) > -1.5
+    assert h["exact_gradient_final_joint_return"]["LOLA-DiCE, 3 steps"] > -1.3
+    assert h["gradient_correlation_1024_loo"] > 0.95
+    assert h["hessian_correlation_1024_loo"] > 0.8
+
+
+CHECKS = {name: globals().get(f"check_{name}") for name in build.NAMES}
+# Fewer LOLA-DiCE seeds in the test suite (the notebook reads this; its setup is unchanged).
+TEST_ENV = {"DICEFN_NOTEBOOK_SEEDS": "2"}
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_notebook_runs_top_to_bottom(name, monkeypatch):
+    for k, v in TEST_ENV.items():
+        monkeypatch.setenv(k, v)
+    nb = build.make_notebook(name)
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "import json as _json\nprint('HEADLINE ' + _json.dumps(headline, default=float))"
+    ))
+    build.execute(nb)  # raises CellExecutionError on the first failing cell
+    text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
+    headline = json.loads(text.split("HEADLINE ", 1)[1])
+    check = CHECKS.get(name)
+    assert check is not None, f"no headline check for {name}"
+    check(headline)
