@@ -35,7 +35,12 @@ def derivative(f, order):
 
 
 def baseline_terms(kind, cost, nodes, b_const):
-    """The baseline term of estimator ``kind`` for per-sample costs ``[n]``."""
+    """The baseline term of estimator ``kind`` for per-sample costs ``[n]``.
+
+    ``kind`` is a name, or a ``dice.Baseline`` whose state is passed in as ``b_const``.
+    """
+    if isinstance(kind, dice.Baseline):
+        return kind.update(b_const, cost, nodes)[0]
     if kind == "none":
         return torch.zeros_like(cost)
     if kind == "constant":
@@ -91,12 +96,16 @@ class Chain:
         inner = self.f + (p2 * self.g).sum(-1) + 0.5 * t2[:, 0] ** 2 * self.h
         return (p1 * inner).sum() + torch.sin(t1).sum()
 
-    def surrogate(self, theta, key, n, baseline="none", b_const=None):
+    def sample(self, theta, key, n):
+        """Draws ``n`` chains: ``(l1, a1, l2, a2, pathwise_cost)``."""
         t1, t2 = self.split(theta)
         k1, k2 = dice.random.split(key)
         l1, a1 = dice.sample_categorical(t1.expand(n, -1), key=k1)
         l2, a2 = dice.sample_categorical(t2[a1], key=k2)
-        pathwise = 0.5 * t2[a1, 0] ** 2 * self.h[a1]
+        return l1, a1, l2, a2, 0.5 * t2[a1, 0] ** 2 * self.h[a1]
+
+    def surrogate(self, theta, key, n, baseline="none", b_const=None):
+        l1, a1, l2, a2, pathwise = self.sample(theta, key, n)
         loss = (
             dice.cost_node(self.f[a1], [l1])
             + dice.cost_node(self.g[a1, a2], {"first": l1, "second": (l2,)})
@@ -105,7 +114,7 @@ class Chain:
         if baseline != "none":
             total = self.f[a1] + self.g[a1, a2] + pathwise
             loss = loss + baseline_terms(baseline, total, [l1, l2], b_const)
-        return loss.mean() + torch.sin(t1).sum()
+        return loss.mean() + torch.sin(self.split(theta)[0]).sum()
 
 
 class Bernoulli:
@@ -155,9 +164,12 @@ class Normal:
 GRAPHS = [Categorical, Chain, Bernoulli, Normal]
 
 
-def mc_derivatives(graph, order, *, seed, chunks, n, baseline="none"):
-    """Derivative estimates of ``order`` on ``chunks`` independent keys: ``[chunks, P**order]``."""
-    b_const = graph.exact(graph.theta).detach()
+def mc_derivatives(graph, order, *, seed, chunks, n, baseline="none", state=None):
+    """Derivative estimates of ``order`` on ``chunks`` independent keys: ``[chunks, P**order]``.
+
+    ``state``: for a ``dice.Baseline``, the state every chunk starts from (fixed, not updated).
+    """
+    b_const = graph.exact(graph.theta).detach() if state is None else state
     keys = dice.random.split(dice.random.key(seed), chunks)
 
     def f(theta, key):

@@ -36,28 +36,20 @@ class _MissingAncestor(Chain):
     """Chain whose second cost forgets node a1: biased already at first order."""
 
     def surrogate(self, theta, key, n, baseline="none", b_const=None):
-        t1, t2 = self.split(theta)
-        k1, k2 = dice.random.split(key)
-        l1, a1 = dice.sample_categorical(t1.expand(n, -1), key=k1)
-        l2, a2 = dice.sample_categorical(t2[a1], key=k2)
-        pathwise = 0.5 * t2[a1, 0] ** 2 * self.h[a1]
+        l1, a1, l2, a2, pathwise = self.sample(theta, key, n)
         loss = (
             dice.cost_node(self.f[a1], [l1])
             + dice.cost_node(self.g[a1, a2], [l2])
             + dice.cost_node(pathwise, [l1])
         )
-        return loss.mean() + torch.sin(t1).sum()
+        return loss.mean() + torch.sin(self.split(theta)[0]).sum()
 
 
 class _FirstOrderOnly(Chain):
     """Chain with one magic box per node instead of one per cost: right gradient, wrong Hessian."""
 
     def surrogate(self, theta, key, n, baseline="none", b_const=None):
-        t1, t2 = self.split(theta)
-        k1, k2 = dice.random.split(key)
-        l1, a1 = dice.sample_categorical(t1.expand(n, -1), key=k1)
-        l2, a2 = dice.sample_categorical(t2[a1], key=k2)
-        pathwise = 0.5 * t2[a1, 0] ** 2 * self.h[a1]
+        l1, a1, l2, a2, pathwise = self.sample(theta, key, n)
         g = self.g[a1, a2]
         loss = (
             dice.cost_node(self.f[a1], [l1])
@@ -66,7 +58,7 @@ class _FirstOrderOnly(Chain):
             - g
             + dice.cost_node(pathwise, [l1])
         )
-        return loss.mean() + torch.sin(t1).sum()
+        return loss.mean() + torch.sin(self.split(theta)[0]).sum()
 
 
 @pytest.mark.parametrize(

@@ -126,7 +126,7 @@ def sample_categorical(
     if key is None:
         g = -torch.log(-torch.log(torch.rand_like(x)))
     else:
-        g = prng.gumbel(key, x.shape, dtype=x.dtype).to(x.device)
+        g = prng.gumbel(key.to(x.device), x.shape, dtype=x.dtype)
     actions = torch.argmax(x + g, dim=-1)
     return logp_categorical(logits, actions), actions
 
@@ -174,7 +174,7 @@ def sample_bernoulli(
     if key is None:
         u = torch.rand_like(x)
     else:
-        u = prng.uniform(key, x.shape, dtype=x.dtype).to(x.device)
+        u = prng.uniform(key.to(x.device), x.shape, dtype=x.dtype)
     value = (u < torch.sigmoid(x)).to(logits.dtype)
     return logp_bernoulli(logits, value), value
 
@@ -232,7 +232,7 @@ def sample_normal(
     if key is None:
         eps = torch.randn(shape, dtype=dtype, device=loc.device)
     else:
-        eps = prng.normal(key, shape, dtype=dtype).to(loc.device)
+        eps = prng.normal(key.to(loc.device), shape, dtype=dtype)
     value = (loc.detach() + scale.detach() * eps).detach()
     return logp_normal(loc, scale, value), value
 
