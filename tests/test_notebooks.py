@@ -80,6 +80,13 @@ def check_lola_dice(h):
     assert h["hessian_correlation_1024_loo"] > 0.8
 
 
+def check_maml(h):
+    after, before = h["test_return_after"], h["test_return_before"]
+    assert after["DiCE"] > after["first-order surrogate"]
+    assert after["DiCE"] > before["no adaptation"] + 2.0
+    assert after["DiCE"] > before["DiCE"] + 2.0
+
+
 CHECKS = {name: globals().get(f"check_{name}") for name in build.NAMES}
 # Fewer LOLA-DiCE seeds in the test suite (the notebook reads this; its setup is unchanged).
 TEST_ENV = {"DICEFN_NOTEBOOK_SEEDS": "2"}
