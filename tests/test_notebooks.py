@@ -87,6 +87,16 @@ def check_maml(h):
     assert after["DiCE"] > before["DiCE"] + 2.0
 
 
+def check_loaded_dice(h):
+    c = h["correlation_4096"]
+    assert c["Loaded DiCE"][1] > 0.9 and c["any-order baseline"][1] > 0.7
+    assert c["Loaded DiCE"][2] > c["LVC"][2]
+    assert c["DiCE, no baseline"][1] < 0.5
+    assert h["mean_abs_gap_to_published"] < 0.2
+    (b0, b1), (s0, s1) = h["order2_bias_lambda0_to_1"], h["order2_std_lambda0_to_1"]
+    assert b0 > 2 * b1 and s1 > 5 * s0
+
+
 CHECKS = {name: globals().get(f"check_{name}") for name in build.NAMES}
 # Fewer LOLA-DiCE seeds in the test suite (the notebook reads this; its setup is unchanged).
 TEST_ENV = {"DICEFN_NOTEBOOK_SEEDS": "2"}
