@@ -97,6 +97,15 @@ def check_loaded_dice(h):
     assert b0 > 2 * b1 and s1 > 5 * s0
 
 
+def check_lm_finetune(h):
+    assert h["max_grad_diff_vs_rloo_surrogate"] < 1e-5
+    reward, kl = h["eval_reward"], h["eval_kl_nats"]
+    leashed = f"kl_coef {h['kl_coef']:g}"
+    assert reward["kl_coef 0"] > 0.9 > reward["pre-trained"] + 0.2
+    assert reward[leashed] > reward["pre-trained"]
+    assert kl[leashed] < kl["kl_coef 0"] / 3
+
+
 CHECKS = {name: globals().get(f"check_{name}") for name in build.NAMES}
 # Fewer LOLA-DiCE seeds in the test suite (the notebook reads this; its setup is unchanged).
 TEST_ENV = {"DICEFN_NOTEBOOK_SEEDS": "2"}
