@@ -10,9 +10,10 @@ make sure the numbers still tell the notebook's story.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
-import sys
+import re
 
 import pytest
 
@@ -21,8 +22,10 @@ pytest.importorskip("nbclient", reason="notebook tests need the [test] extra")
 pytest.importorskip("matplotlib", reason="notebook tests need the [test] extra")
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
-sys.path.insert(0, str(NOTEBOOKS))
-import build  # noqa: E402  (notebooks/build.py)
+# notebooks/build.py, under a name that cannot collide with an installed "build" package.
+_spec = importlib.util.spec_from_file_location("dicefn_notebooks_build", NOTEBOOKS / "build.py")
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
 
 AVAILABLE = [n for n in build.NAMES if (NOTEBOOKS / "src" / f"{n}.py").exists()]
 MAX_BYTES = 2_000_000
@@ -125,3 +128,19 @@ def test_notebook_runs_top_to_bottom(name, monkeypatch):
     check = CHECKS.get(name)
     assert check is not None, f"no headline check for {name}"
     check(headline)
+
+
+def test_readme_numbers_are_the_notebooks():
+    """Every measured number quoted in the README's Notebooks section is in that notebook's output."""
+    readme = (NOTEBOOKS.parent / "README.md").read_text()
+    section = readme.split("## Notebooks", 1)[1].split("\n## ", 1)[0]
+    bullets = re.findall(r"^- \[`(\w+)\.ipynb`\].*?(?=^- |\Z)", section, re.S | re.M)
+    assert sorted(bullets) == sorted(build.NAMES), bullets
+    for bullet in re.split(r"^- ", section, flags=re.M)[1:]:
+        name = re.match(r"\[`(\w+)\.ipynb`\]", bullet).group(1)
+        nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+        text = "".join(o.get("text", "") for o in _outputs(nb) if o.output_type == "stream")
+        quoted = re.findall(r"-?\d+\.\d+(?:e[+-]\d+)?x?|\b\d+x\b", bullet)
+        assert quoted, name
+        missing = [q for q in quoted if q not in text]
+        assert not missing, f"README quotes {missing} for {name}.ipynb, not in its outputs"

@@ -23,6 +23,7 @@ import time
 import matplotlib.pyplot as plt
 import torch
 from torch.func import grad, hessian, jacfwd, jacrev, vmap
+from tqdm import tqdm
 
 import dicefn as dice
 
@@ -128,7 +129,7 @@ def rms_rel_error(estimates, exact):
 
 
 errors = {b: {"gradient": [], "Hessian": []} for b in BASELINES}
-for n in SIZES:
+for n in tqdm(SIZES, desc="sample sizes", mininterval=10, ncols=90):
     keys = dice.random.split(dice.random.key(n), REPS)
     for b in BASELINES:
         g_est = vmap(jacrev(surrogate), in_dims=(None, 0, None, None))(theta0, keys, n, b)

@@ -265,7 +265,7 @@ def train(name, n, lr_inner=LR_INNER, magic=True):
     # Seed i's run does not depend on how many seeds run beside it.
     rngs = [torch.Generator().manual_seed(1000 * seed + n) for seed in range(SEEDS)]
     theta, history = theta_init, []
-    for _ in tqdm(range(ITERATIONS), desc=f"{name:<34}", mininterval=10, ncols=100):
+    for _ in tqdm(range(ITERATIONS), desc=f"{name:<36}", mininterval=10, ncols=100):
         history.append(theta)
         u = torch.stack([torch.rand(2, n + 1, HORIZON, 2, BATCH, 1, generator=g) for g in rngs])
         theta = batched_iteration(theta, u, n, lr_inner, magic)
@@ -313,7 +313,7 @@ for name, (n, lr_inner, magic) in METHODS.items():
     if not magic:
         continue
     theta, history = theta_init, []
-    for _ in range(ITERATIONS):
+    for _ in range(ITERATIONS):  # a second or two: no progress bar
         history.append(theta)
         theta = vmap(exact_iteration, in_dims=(0, None, None))(theta, n, lr_inner)
     exact_curves[name] = joint_return(torch.stack(history))

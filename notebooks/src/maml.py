@@ -330,8 +330,8 @@ What we saw (returns are minus the summed distance to the goal over 20 steps; hi
   step on 20 episodes: {tb['DiCE']:.2f} -> {ta['DiCE']:.2f} on 100 held-out goals ({SEEDS} seeds).
 - The first-order surrogate (same inner step, no magic box) ends at {ta['first-order surrogate']:.2f} after adaptation. Over
   meta-training its post-adaptation return reaches {TARGET} after {its_to['first-order surrogate']} iterations against {its_to['DiCE']} for DiCE,
-  and its pre-adaptation return first collapses (down to {headline['first_order_worst_pre_adaptation_return']:.2f}): without the score-function
-  terms of the pre-adaptation episodes its meta-gradient is biased.
+  and its pre-adaptation return first collapses (down to {headline['first_order_worst_pre_adaptation_return']:.2f}). Its meta-gradient lacks the
+  score-function terms of the pre-adaptation episodes (it is biased); DiCE's has them.
 - The policy trained without adaptation (one policy for all goals) gets {tb['no adaptation']:.2f}. In this linear
   policy family one test-time step from it also adapts ({ta['no adaptation']:.2f}), but less well than the DiCE
   meta-learnt start ({ta['DiCE']:.2f}).
