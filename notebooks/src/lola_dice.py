@@ -15,7 +15,9 @@
 # with inner (lookahead) learning rate 0.1 and outer learning rate 0.2, 200 iterations,
 # naive learners against LOLA-DiCE with 1, 2 and 3 lookahead steps, several seeds batched
 # with `vmap`. First it checks, at the starting policies, DiCE's gradient and Hessian
-# estimates against the exact derivatives of the IPD value.
+# estimates against the exact derivatives of the IPD value; alongside the training runs it
+# runs the same algorithm with exact gradients, and without the magic box, to separate what
+# the estimator does from what the algorithm does.
 
 # %%
 import os
