@@ -17,7 +17,7 @@ from exact import (
     z_critical,
     zscores,
 )
-from test_transforms import THETA, TRANSFORMS
+from grid import TRANSFORMS, assert_compiles_like_eager
 
 F64 = torch.float64
 BASELINES = {"ema": lambda: dice.ema_baseline(0.9), "loo": lambda: dice.leave_one_out()}
@@ -284,12 +284,7 @@ def test_transform_matches_reference(name, transform):
 
 @pytest.mark.parametrize("name", CASES)
 def test_compile_fullgraph_matches_eager(name):
-    f, _ = CASES[name]
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    t1, t2 = THETA.clone().requires_grad_(), THETA.clone().requires_grad_()
-    out, ref = compiled(t1), f(t2)
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(torch.autograd.grad(out, t1)[0], torch.autograd.grad(ref, t2)[0])
+    assert_compiles_like_eager(CASES[name][0])
 
 
 def _loss(baseline):

@@ -13,6 +13,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import dicefn as dice
+from grid import saved_storages
 
 F64 = torch.float64
 
@@ -137,17 +138,8 @@ def test_eager_path_compiles_and_saves_what_cross_entropy_saves():
     vocab = 32000
     logits = torch.randn(4, vocab, requires_grad=True)
     actions = torch.randint(0, vocab, (4,))
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     def saved(fn):
-        storages.clear()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(storages.values())
+        return sum(saved_storages(fn))
 
     ours = saved(lambda: dice.logp_categorical(logits, actions))
     ce = saved(lambda: F.cross_entropy(logits, actions, reduction="none"))

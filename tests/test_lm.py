@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
+from torch.func import grad, hessian, vmap
 
 import dicefn as dice
+from grid import TRANSFORMS, assert_compiles_like_eager, saved_storages
 
 F64 = torch.float64
 PAD, EOS = 0, 1
@@ -255,18 +256,6 @@ def test_rloo_surrogate_value_and_derivatives():
 # Memory saved for backward ---------------------------------------------------------------------
 
 
-def _saved_storages(fn):
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return list(storages.values())
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_completion_logp_saves_no_extra_vocabulary_tensor(dtype):
     vocab, rows, length = 32000, 2, 6
@@ -276,7 +265,7 @@ def test_completion_logp_saves_no_extra_vocabulary_tensor(dtype):
     one_row = vocab * logits.element_size()
     for fn in (lambda: dice.lm.completion_logp(logits, ids, mask),
                lambda: dice.logp_categorical(logits, ids)):
-        sizes = _saved_storages(fn)
+        sizes = saved_storages(fn)
         big = [s for s in sizes if s >= one_row]
         assert big == [logits.numel() * logits.element_size()], sizes  # the logits themselves
         assert sum(sizes) - big[0] <= 64 * rows * length  # per-token scalars only
@@ -288,7 +277,7 @@ def test_kl_cost_saved_memory(dtype):
     logits = torch.randn(2, 6, vocab, dtype=dtype, requires_grad=True)
     ref = torch.randn(2, 6, vocab, dtype=dtype)
     mask = torch.ones(2, 6, dtype=torch.bool)
-    sizes = _saved_storages(lambda: dice.lm.kl_cost(logits, ref, mask))
+    sizes = saved_storages(lambda: dice.lm.kl_cost(logits, ref, mask))
     big = sorted(s for s in sizes if s >= vocab * logits.element_size())
     inputs = logits.numel() * logits.element_size()
     if dtype == torch.bfloat16:  # only the two half-precision inputs
@@ -303,8 +292,6 @@ def test_kl_cost_saved_memory(dtype):
 IDS = torch.tensor([[3, 0, 2, 1], [1, 1, 0, 2]])
 MASK = torch.tensor([[False, False, True, True], [False, True, True, False]])
 REF = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
-THETA = torch.tensor([0.3, -0.2, 0.5, 0.1, -0.4, 0.7], dtype=F64)
-TANGENT = torch.tensor([1.0, -0.5, 0.25, 2.0, 0.0, -1.0], dtype=F64)
 COST = torch.tensor([1.0, -2.0], dtype=F64)
 
 
@@ -347,18 +334,6 @@ CASES = {
     ),
 }
 
-TRANSFORMS = {
-    "grad": lambda f: grad(f)(THETA),
-    "jacrev": lambda f: jacrev(f)(THETA),
-    "jacfwd": lambda f: jacfwd(f)(THETA),
-    "hessian": lambda f: hessian(f)(THETA),
-    "third_order": lambda f: jacfwd(jacfwd(jacrev(f)))(THETA),
-    "jvp": lambda f: jvp(f, (THETA,), (TANGENT,))[1],
-    "vmap": lambda f: vmap(f)(torch.stack([THETA, THETA * 2, -THETA])),
-    "vmap(grad)": lambda f: vmap(grad(f))(torch.stack([THETA, THETA * 2, -THETA])),
-}
-
-
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("case", CASES)
 def test_transform_matches_reference(case, transform):
@@ -368,12 +343,7 @@ def test_transform_matches_reference(case, transform):
 
 @pytest.mark.parametrize("case", CASES)
 def test_compile_fullgraph(case):
-    f, _ = CASES[case]
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    t1, t2 = THETA.clone().requires_grad_(), THETA.clone().requires_grad_()
-    out, ref = compiled(t1), f(t2)
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(torch.autograd.grad(out, t1)[0], torch.autograd.grad(ref, t2)[0])
+    assert_compiles_like_eager(CASES[case][0])
 
 
 # Hugging Face transformers interop ---------------------------------------------------------------

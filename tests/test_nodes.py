@@ -9,6 +9,7 @@ import torch.distributions as D
 import torch.nn.functional as F
 
 import dicefn as dice
+from grid import saved_storages
 from stats import KS_CRITICAL_SQRT_N, chi2_critical, ks_statistic
 
 FLOATS = [torch.float32, torch.float64]
@@ -150,16 +151,8 @@ def test_half_precision_forward_mode_raises_instead_of_lying():
 
 
 def _saved_bytes(fn):
-    """Bytes of the distinct storages autograd saves for backward, and their sizes."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values()), list(storages.values())
+    sizes = saved_storages(fn)
+    return sum(sizes), sizes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -10,11 +10,12 @@ import math
 
 import pytest
 import torch
-from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
+from torch.func import grad, hessian, jacfwd, vmap
 
 import dicefn as dice
 from dicefn._src import mdp as M
 from exact import F64, derivative, z_critical, zscores
+from grid import THETA, TRANSFORMS, assert_compiles_like_eager, saved_storages
 
 # Plain-loop references ---------------------------------------------------------------------
 
@@ -85,16 +86,10 @@ def test_discounted_cumsum_is_finite_where_negative_powers_overflow():
 def test_discounted_cumsum_saves_nothing_input_sized_for_backward():
     x = torch.randn(16, 4096, requires_grad=True)
     for lam in (0.0, 0.5, 1.0):
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = dice.discounted_cumsum(x, lam)
+        sizes = saved_storages(lambda: dice.discounted_cumsum(x, lam))
         # only the [64, 64] block matrices (and lam's powers): nothing of the size of x
-        assert all(b <= 64 * 64 * 4 for b in storages.values()), storages
+        assert all(b <= 64 * 64 * 4 for b in sizes), sizes
+        out = dice.discounted_cumsum(x, lam)
         (g,) = torch.autograd.grad(out.sum(), x)
         # d/dx_j sum_t w_t = sum_{t>=j} lam**(t-j)
         torch.testing.assert_close(g[0], loop_cumsum(torch.ones(4096, dtype=F64), lam).flip(-1).float())
@@ -154,7 +149,6 @@ def _policy_logp(theta, actions):
 
 ACTIONS = torch.tensor([[0, 2, 1, 1], [2, 2, 0, 1], [1, 0, 0, 2]])
 COSTS = torch.tensor([[1.0, -0.5, 2.0, 0.3], [0.2, 0.0, -1.0, 1.5], [0.7, 0.4, 0.1, -0.2]], dtype=F64)
-THETA6 = torch.tensor([0.3, -0.2, 0.5, 0.1, -0.4, 0.7], dtype=F64)
 
 
 def test_loaded_dice_lam1_with_cost_to_go_equals_prefix_dice_per_sample():
@@ -168,11 +162,11 @@ def test_loaded_dice_lam1_with_cost_to_go_equals_prefix_dice_per_sample():
         logp = _policy_logp(theta, ACTIONS)
         return dice.cost_node(COSTS * theta[0], dice.discounted_cumsum(logp, 1.0)).sum()
 
-    assert dice.loaded_dice(_policy_logp(THETA6, ACTIONS), COSTS).abs().max() == 0
-    torch.testing.assert_close(loaded(THETA6), prefix(THETA6))
-    torch.testing.assert_close(grad(loaded)(THETA6), grad(prefix)(THETA6))
-    torch.testing.assert_close(hessian(loaded)(THETA6), hessian(prefix)(THETA6))
-    torch.testing.assert_close(jacfwd(hessian(loaded))(THETA6), jacfwd(hessian(prefix))(THETA6))
+    assert dice.loaded_dice(_policy_logp(THETA, ACTIONS), COSTS).abs().max() == 0
+    torch.testing.assert_close(loaded(THETA), prefix(THETA))
+    torch.testing.assert_close(grad(loaded)(THETA), grad(prefix)(THETA))
+    torch.testing.assert_close(hessian(loaded)(THETA), hessian(prefix)(THETA))
+    torch.testing.assert_close(jacfwd(hessian(loaded))(THETA), jacfwd(hessian(prefix))(THETA))
 
 
 def test_loaded_dice_lam0_has_no_cross_step_terms():
@@ -185,10 +179,10 @@ def test_loaded_dice_lam0_has_no_cross_step_terms():
     def per_step(theta):
         return ((box(_policy_logp(theta, ACTIONS)) - 1) * adv).sum()
 
-    torch.testing.assert_close(hessian(loaded)(THETA6), hessian(per_step)(THETA6))
+    torch.testing.assert_close(hessian(loaded)(THETA), hessian(per_step)(THETA))
     # and it differs from lam=1, whose Hessian has the cross-step products
-    full = hessian(lambda t: dice.loaded_dice(_policy_logp(t, ACTIONS), adv, 1.0).sum())(THETA6)
-    assert (full - hessian(loaded)(THETA6)).abs().max() > 1e-3
+    full = hessian(lambda t: dice.loaded_dice(_policy_logp(t, ACTIONS), adv, 1.0).sum())(THETA)
+    assert (full - hessian(loaded)(THETA)).abs().max() > 1e-3
 
 
 def test_loaded_dice_broadcast_and_errors():
@@ -300,19 +294,6 @@ CASES = {
     ),
 }
 
-TANGENT = torch.tensor([1.0, -0.5, 0.25, 2.0, 0.0, -1.0], dtype=F64)
-TRANSFORMS = {
-    "grad": lambda f: grad(f)(THETA6),
-    "jacrev": lambda f: jacrev(f)(THETA6),
-    "jacfwd": lambda f: jacfwd(f)(THETA6),
-    "hessian": lambda f: hessian(f)(THETA6),
-    "third_order": lambda f: jacfwd(jacfwd(jacrev(f)))(THETA6),
-    "jvp": lambda f: jvp(f, (THETA6,), (TANGENT,))[1],
-    "vmap": lambda f: vmap(f)(torch.stack([THETA6, THETA6 * 2, -THETA6])),
-    "vmap(grad)": lambda f: vmap(grad(f))(torch.stack([THETA6, THETA6 * 2, -THETA6])),
-}
-
-
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("case", CASES)
 def test_transform_matches_loop_reference(case, transform):
@@ -322,12 +303,7 @@ def test_transform_matches_loop_reference(case, transform):
 
 @pytest.mark.parametrize("case", CASES)
 def test_compile_fullgraph(case):
-    f, _ = CASES[case]
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    t1, t2 = THETA6.clone().requires_grad_(), THETA6.clone().requires_grad_()
-    out, ref = compiled(t1), f(t2)
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(torch.autograd.grad(out, t1)[0], torch.autograd.grad(ref, t2)[0])
+    assert_compiles_like_eager(CASES[case][0])
 
 
 # Exact enumeration: a tiny autoregressive policy ------------------------------------------------

@@ -9,11 +9,11 @@ import torch
 import torch.distributions as D
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
+from torch.func import functional_call, grad, hessian, jacrev, vmap
 
 import dicefn as dice
+from grid import F64, THETA, TRANSFORMS, assert_compiles_like_eager
 
-F64 = torch.float64
 KEY = dice.random.key(1234)
 
 
@@ -162,28 +162,6 @@ CASES = [
     Case("sample_normal", _sample_normal, _sample_normal_ref),
 ]
 
-THETA = torch.tensor([0.3, -0.2, 0.5, 0.1, -0.4, 0.7], dtype=F64)
-TANGENT = torch.tensor([1.0, -0.5, 0.25, 2.0, 0.0, -1.0], dtype=F64)
-
-
-def _third(f):
-    return jacfwd(jacfwd(jacrev(f)))
-
-
-TRANSFORMS = {
-    "grad": lambda f: grad(f)(THETA),
-    "jacrev": lambda f: jacrev(f)(THETA),
-    "jacfwd": lambda f: jacfwd(f)(THETA),
-    "hessian": lambda f: hessian(f)(THETA),
-    "jacfwd(jacrev)": lambda f: jacfwd(jacrev(f))(THETA),
-    "jacrev(jacrev)": lambda f: jacrev(jacrev(f))(THETA),
-    "third_order": lambda f: _third(f)(THETA),
-    "jvp": lambda f: jvp(f, (THETA,), (TANGENT,))[1],
-    "vmap": lambda f: vmap(f)(torch.stack([THETA, THETA * 2, -THETA])),
-    "vmap(grad)": lambda f: vmap(grad(f))(torch.stack([THETA, THETA * 2, -THETA])),
-}
-
-
 @pytest.mark.parametrize("transform", TRANSFORMS, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_transform_matches_reference(case, transform):
@@ -200,12 +178,7 @@ def test_vmap_matches_loop_for_forward_values():
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_compile_fullgraph(case):
     """No graph breaks (fullgraph=True), same value and same gradient as eager."""
-    compiled = torch.compile(case.f, fullgraph=True, backend="aot_eager")
-    t1 = THETA.clone().requires_grad_()
-    t2 = THETA.clone().requires_grad_()
-    out, ref = compiled(t1), case.f(t2)
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(torch.autograd.grad(out, t1)[0], torch.autograd.grad(ref, t2)[0])
+    assert_compiles_like_eager(case.f)
 
 
 def test_compile_inductor_training_step():

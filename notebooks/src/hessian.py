@@ -17,7 +17,6 @@
 # usable.
 
 # %%
-import math
 import time
 
 import matplotlib.pyplot as plt
